@@ -1,0 +1,181 @@
+"""Training configuration: one dataclass whose fields are the command-line flags of train_guidance.py.
+
+Every flag is validated in `__post_init__`, before any model or data is loaded, so that a typo fails
+in seconds with a one-line `InputError`. The parser is generated from the fields, so the help text
+lives next to the default.
+
+Example:
+    config = GuidanceConfig.from_args(["--lm_name", "smollm2", "--lm_size", "135m"])
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from document_memories import DOCUMENT_KEY_MODULE_TYPES, KEY_ACTIVATIONS, LM_ACTIVATIONS
+from errors import InputError
+from utils import GUIDANCE_LOSSES, NEGATIVE_KEY_TYPES
+from wikitext import WIKITEXT_CONFIGS
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+# Fields that must be at least 1, and fields that must be non-negative.
+POSITIVE_INTS = (
+    "max_labels", "segment_length", "max_segements", "max_length", "batch_size", "num_epochs",
+    "hook_memory_dim", "key_dim", "save_freq", "num_accumulation_steps",
+)
+NON_NEGATIVE_NUMBERS = (
+    "lr", "guidance", "target_negative_ce", "perturb_std", "grad_clip_coeff", "num_warmup_steps",
+    "weight_decay", "num_gpus",
+)
+CHOICES = {
+    "key_activation": KEY_ACTIVATIONS,
+    "lm_act": LM_ACTIVATIONS,
+    "document_key_module_type": DOCUMENT_KEY_MODULE_TYPES,
+    "negative_key_type": NEGATIVE_KEY_TYPES,
+    "guidance_loss": GUIDANCE_LOSSES,
+    "lr_scheduler": LR_SCHEDULERS,
+    "precision": PRECISIONS,
+    "wikitext_config": WIKITEXT_CONFIGS,
+}
+
+
+def flag(default, help_text, **extra):
+    """Return a dataclass field whose metadata carries the argparse help text."""
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class GuidanceConfig:
+    """Resolved settings of one training run; saved as config.json in the run folder."""
+
+    # language model
+    lm_name: str = flag("pythia", "model family: pythia, llama2_hf, llama2_chat_hf or smollm2")
+    lm_size: str = flag("1b", "model size, e.g. 70m..12b for pythia, 7b/13b for llama2, 135m for smollm2")
+    lm_path: str | None = flag(None, "local model folder to load instead of the Hugging Face Hub")
+    lm_cache_dir: str | None = flag(None, "cache folder for downloaded or converted model weights")
+    num_gpus: int = flag(0, "0 runs on the CPU; N >= 1 splits the blocks over N GPUs")
+    device: str = flag("auto", "device for inputs and memory: auto, cpu, cuda or cuda:N")
+    precision: str = flag("fp32", "fp32; tf32 (TF32 matmuls on GPU); bf16 (bf16 autocast on GPU)")
+
+    # data
+    data_path: str | None = flag(None, "WikiText-format .txt file, folder of .txt files, or .jsonl; default: the Hub")
+    wikitext_config: str = flag("wikitext-103-v1", "Hub configuration of EleutherAI/wikitext_document_level")
+    data_cache_dir: str | None = flag(None, "cache folder for the Hub dataset")
+    max_labels: int = flag(10, "number of documents to memorise, picked at random with --seed")
+    segment_length: int = flag(128, "segment length in words; segments overlap by half")
+    max_segements: int = flag(10, "maximum segments per document (alias --max_segments)",
+                              aliases=("--max_segments",))
+    max_length: int = flag(256, "maximum tokens per segment; longer segments are truncated")
+
+    # document memory
+    hook_memory_layer: int = flag(15, "index of the block whose output gets the memory; negative counts from the end")
+    hook_memory_dim: int = flag(32, "number of memory entries")
+    key_dim: int = flag(2, "dimension of the fixed random DocRep of each document")
+    key_activation: str = flag("tanh", "activation of the document selection: " + ", ".join(KEY_ACTIVATIONS))
+    lm_act: str = flag("gelu", "activation inside the memory: " + ", ".join(LM_ACTIVATIONS))
+    document_key_module_type: str = flag("linear", "DocRep-to-selection map: linear or nonlinear (MLP)")
+
+    # guidance
+    guidance: float = flag(0.1, "guidance weight alpha of the negative-DocRep term")
+    target_negative_ce: float = flag(4.5, "target CE tau under a negative DocRep, in nats")
+    guidance_loss: str = flag("code", "code: CE+ + alpha*min((CE- - tau)^2, CE+); paper: CE+ + alpha*|tau - CE-|")
+    negative_key_type: str = flag("other", "negative DocRep: other document's, random, zero or perturbed own")
+    perturb_std: float = flag(0.1, "standard deviation of the noise for --negative_key_type perturb")
+
+    # optimisation
+    lr: float = flag(1e-3, "AdamW learning rate")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    batch_size: int = flag(16, "segments per optimiser micro-batch")
+    num_epochs: int = flag(500, "passes over all segments")
+    num_accumulation_steps: int = flag(1, "micro-batches per optimiser step")
+    grad_clip_coeff: float = flag(5.0, "maximum gradient norm; 0 disables clipping")
+    num_warmup_steps: int = flag(0, "linear warm-up steps of the learning rate")
+    lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up: constant, linear or cosine")
+    no_activation_cache: bool = flag(False, "run the full hooked model every step instead of caching the block's input")
+
+    # bookkeeping
+    seed: int = flag(1, "seed of document choice, DocReps, memory init and batch order")
+    save_freq: int = flag(10, "epochs between checkpoints and selection-figure frames")
+    save_dir: str = flag("outputs", "folder under which each run gets a new numbered folder")
+
+    def __post_init__(self):
+        for name in POSITIVE_INTS:
+            value = getattr(self, name)
+            if value < 1:
+                raise InputError(f"--{name} {value} is invalid; it must be at least 1")
+        for name in NON_NEGATIVE_NUMBERS:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"--{name} {value} is invalid; it must be a finite number >= 0")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise InputError(f"unknown --{name} '{value}'; valid: {', '.join(allowed)}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise InputError(f"unknown --device '{self.device}'; valid: auto, cpu, cuda, cuda:N")
+
+    @classmethod
+    def build_parser(cls) -> argparse.ArgumentParser:
+        """Build an argparse parser with one flag per field."""
+        parser = OneLineErrorParser(
+            description="Train document-wise memories with guidance on a frozen causal LM.",
+        )
+        for spec in dataclasses.fields(cls):
+            names = [f"--{spec.name}", *spec.metadata.get("aliases", ())]
+            help_text = f"{spec.metadata['help']} (default: {spec.default})"
+            if spec.type is bool or spec.type == "bool":
+                parser.add_argument(*names, dest=spec.name, action="store_true", help=help_text)
+                continue
+            parser.add_argument(*names, dest=spec.name, type=_parse_type(spec), default=spec.default,
+                                help=help_text)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "GuidanceConfig":
+        """Parse and validate command-line flags; raise InputError on an invalid value."""
+        namespace = cls.build_parser().parse_args(argv)
+        return cls(**vars(namespace))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path, **extra) -> None:
+        """Write the config, plus `extra` entries such as the chosen documents, as JSON."""
+        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "GuidanceConfig":
+        """Read a config.json written by `save`, ignoring the extra entries."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        names = {spec.name for spec in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Argument parser that reports a bad flag in one line on stderr and exits with status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def _parse_type(spec):
+    """Return the argparse converter for a field; `str | None` fields accept 'none' as None."""
+    type_name = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+    if "int" in type_name:
+        return int
+    if "float" in type_name:
+        return float
+    if "None" in type_name:
+        return _optional_str
+    return str
+
+
+def _optional_str(text: str) -> str | None:
+    return None if text.lower() in ("", "none") else text

