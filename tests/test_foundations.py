@@ -20,56 +20,12 @@ import pytest
 import safetensors.torch
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from transformers import GPTNeoXConfig, PreTrainedTokenizerFast
 
 import foundations
 from errors import InputError
 from foundations import llama2
-
-VOCAB_SIZE = 100
-HIDDEN_SIZE = 32
-
-
-def build_pythia_like(num_layers: int = 3) -> GPTNeoXForCausalLM:
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,  # as in the Pythia checkpoints
-    )
-    return GPTNeoXForCausalLM(config)
-
-
-def build_llama_like(num_layers: int = 2) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def build_word_tokenizer() -> PreTrainedTokenizerFast:
-    """Build a word-level tokenizer with an EOS token but no pad token."""
-    words = ["[UNK]", "[EOS]", "the", "cat", "sat", "on", "mat", "a", "dog"]
-    vocab = {word: index for index, word in enumerate(words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
-
+from tiny_models import HIDDEN_SIZE, VOCAB_SIZE, build_llama_like, build_pythia_like, build_word_tokenizer
 
 FAMILIES = {
     "pythia": {

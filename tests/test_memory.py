@@ -3,29 +3,18 @@
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from checkpoint import load_memory, save_checkpoint
 from document_memories import DocumentMemory
 from hook_lm import MemoryHook, MemoryLM
 from segment_data import SegmentData, batch_cross_entropy
+from tiny_models import HIDDEN_SIZE, VOCAB_SIZE, build_llama_like, build_pythia_like
 from utils import guidance_loss, negative_docreps, sequence_cross_entropy
-
-HIDDEN_SIZE = 32
-VOCAB_SIZE = 97
 
 
 def tiny_model(family: str):
     torch.manual_seed(0)
-    if family == "gpt_neox":
-        config = GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN_SIZE, num_hidden_layers=3,
-                               num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
-        model = GPTNeoXForCausalLM(config)
-    else:
-        config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=HIDDEN_SIZE, num_hidden_layers=3,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                             max_position_embeddings=128)
-        model = LlamaForCausalLM(config)
+    model = build_pythia_like() if family == "gpt_neox" else build_llama_like(num_layers=3)
     model.eval().requires_grad_(False)
     return model
 
