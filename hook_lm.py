@@ -92,20 +92,25 @@ class MemoryLM:
     def memory_device(self) -> torch.device:
         return next(self.block.parameters()).device
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
-        """Run the whole model with the memory hooked in; return logits (batch, seq, vocab).
+    def final_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
+        """Run every block with the memory hooked in; return the final-norm output (batch, seq, hidden).
 
         With `memory_on=False` this is the base LM; `docreps=None` reads the memory with every
         entry selected.
         """
         position_ids = position_ids_from_mask(attention_mask)
-        if not memory_on:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, use_cache=False).logits
-        with MemoryHook(self.block, self.memory, docreps):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, use_cache=False).logits
+        with contextlib.ExitStack() as stack:
+            if memory_on:
+                stack.enter_context(MemoryHook(self.block, self.memory, docreps))
+            output = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False)
+        return output.last_hidden_state
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
+        """Return the hooked model's logits (batch, seq, vocab); see `final_hidden`."""
+        return self.lm_head(self.final_hidden(input_ids, attention_mask, docreps, memory_on))
 
     @torch.no_grad()
     def block_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -129,11 +134,11 @@ class MemoryLM:
             handle.remove()
         return captured["hidden_states"]
 
-    def logits_from_block(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
-                          docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
-        """Apply the memory to the block's output and run only the blocks above, the norm and head.
+    def final_hidden_from_block(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                                docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
+        """Apply the memory to the block's output, then run only the blocks above and the final norm.
 
-        Gives the same logits as `logits` on the same tokens, without running blocks 0..layer.
+        Gives the same result as `final_hidden` on the same tokens, without running blocks 0..layer.
         """
         memory_dtype = next(self.memory.parameters()).dtype
         hidden_states = hidden_states.to(self.memory_device, memory_dtype)
@@ -143,4 +148,9 @@ class MemoryLM:
         with swapped_layers(self.base_model, layers):
             output = self.base_model(inputs_embeds=hidden_states, attention_mask=attention_mask,
                                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return self.lm_head(output.last_hidden_state)
+        return output.last_hidden_state
+
+    def logits_from_block(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                          docreps: torch.Tensor | None, memory_on: bool = True) -> torch.Tensor:
+        """Return logits (batch, seq, vocab) from the block's output; see `final_hidden_from_block`."""
+        return self.lm_head(self.final_hidden_from_block(hidden_states, attention_mask, docreps, memory_on))

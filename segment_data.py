@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from hook_lm import MemoryLM
-from utils import sequence_cross_entropy
+from utils import head_sequence_cross_entropy, sequence_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,12 @@ def batch_cross_entropy(memory_lm: MemoryLM, batch: Batch, docreps: torch.Tensor
     attention_mask = batch.attention_mask.repeat(repeats, 1)
     if batch.hidden_states is not None:
         hidden_states = batch.hidden_states.repeat(repeats, 1, 1)
-        logits = memory_lm.logits_from_block(hidden_states, attention_mask, docreps, memory_on)
+        final_hidden = memory_lm.final_hidden_from_block(hidden_states, attention_mask, docreps, memory_on)
     else:
-        logits = memory_lm.logits(input_ids, attention_mask, docreps, memory_on)
-    return sequence_cross_entropy(logits, input_ids.to(logits.device), attention_mask.to(logits.device))
+        final_hidden = memory_lm.final_hidden(input_ids, attention_mask, docreps, memory_on)
+    input_ids = input_ids.to(final_hidden.device)
+    attention_mask = attention_mask.to(final_hidden.device)
+    if memory_lm.lm_head.bias is not None:
+        return sequence_cross_entropy(memory_lm.lm_head(final_hidden), input_ids, attention_mask)
+    # the fused head and cross-entropy never stores the (tokens, vocab) logits
+    return head_sequence_cross_entropy(final_hidden, memory_lm.lm_head.weight, input_ids, attention_mask)

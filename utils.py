@@ -97,3 +97,56 @@ def make_run_dir(save_dir: str | os.PathLike) -> Path:
             number += 1
             continue
         return run_dir
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `hidden @ weight.T` without keeping the logits.
+
+    The logits of a language-model head are (tokens, vocab), far larger than anything else in a
+    memory step. This function computes them in chunks of `chunk_size` tokens and, when the input
+    needs a gradient, also computes d(loss_i)/d(hidden_i) = (softmax_i - onehot_i) @ weight in the
+    same pass, so backward only scales it by the incoming per-token gradient. The head's weight is
+    treated as frozen: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        losses = hidden.new_empty(hidden.shape[0], dtype=torch.float32)  # (tokens,)
+        needs_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end].to(weight.dtype) @ weight.T).float()  # (chunk, vocab)
+            target_logits = logits.gather(1, targets[start:end, None])[:, 0]
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            losses[start:end] = log_normalizer - target_logits
+            if needs_grad:
+                probabilities = torch.exp(logits.sub_(log_normalizer[:, None]))
+                probabilities.scatter_add_(1, targets[start:end, None],
+                                           -torch.ones_like(target_logits)[:, None])
+                grad_hidden[start:end] = (probabilities.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_losses[:, None].to(grad_hidden.dtype), None, None, None
+
+
+def head_sequence_cross_entropy(final_hidden: torch.Tensor, head_weight: torch.Tensor,
+                                input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                chunk_size: int = 1024) -> torch.Tensor:
+    """Return each sequence's mean next-token CE (batch,) from the final-norm hidden states.
+
+    Same value as `sequence_cross_entropy(final_hidden @ head_weight.T, ...)`, but the head runs
+    only on positions that predict a real token, and the logits are never stored.
+    """
+    mask = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()  # (batch, seq-1)
+    hidden = final_hidden[:, :-1][mask]  # (tokens, hidden)
+    targets = input_ids[:, 1:][mask]  # (tokens,)
+    token_ce = LinearCrossEntropy.apply(hidden, head_weight, targets, chunk_size)
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+    sums = torch.zeros(mask.shape[0], device=token_ce.device).index_add(0, rows, token_ce)
+    return sums / mask.sum(-1).clamp(min=1)

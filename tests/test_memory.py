@@ -9,7 +9,7 @@ from document_memories import DocumentMemory
 from hook_lm import MemoryHook, MemoryLM
 from segment_data import SegmentData, batch_cross_entropy
 from tiny_models import HIDDEN_SIZE, VOCAB_SIZE, build_llama_like, build_pythia_like
-from utils import guidance_loss, negative_docreps, sequence_cross_entropy
+from utils import guidance_loss, head_sequence_cross_entropy, negative_docreps, sequence_cross_entropy
 
 
 def tiny_model(family: str):
@@ -132,6 +132,27 @@ def test_pad_tokens_not_in_loss():
     # only position 2 predicting token 6 counts
     expected = torch.nn.functional.cross_entropy(logits[0, 2:3], input_ids[0, 3:4])
     torch.testing.assert_close(sequence_cross_entropy(logits, input_ids, attention_mask)[0], expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_fused_head_ce_matches_logits(chunk_size):
+    generator = torch.Generator().manual_seed(0)
+    final_hidden = torch.randn(3, 7, HIDDEN_SIZE, dtype=torch.float64, generator=generator)
+    weight = torch.randn(VOCAB_SIZE, HIDDEN_SIZE, dtype=torch.float64, generator=generator)
+    input_ids = torch.randint(0, VOCAB_SIZE, (3, 7), generator=generator)
+    attention_mask = torch.ones(3, 7, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    upstream = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+
+    fused_input = final_hidden.clone().requires_grad_(True)
+    fused = head_sequence_cross_entropy(fused_input, weight, input_ids, attention_mask, chunk_size)
+    (fused * upstream).sum().backward()
+    plain_input = final_hidden.clone().requires_grad_(True)
+    plain = sequence_cross_entropy(plain_input @ weight.T, input_ids, attention_mask)
+    (plain * upstream).sum().backward()
+
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_input.grad, plain_input.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_guidance_loss_code_form_by_hand():
