@@ -23,6 +23,7 @@ from wikitext import WIKITEXT_CONFIGS
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "tf32", "bf16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 # Fields that must be at least 1, and fields that must be non-negative.
 POSITIVE_INTS = (
@@ -41,6 +42,7 @@ CHOICES = {
     "guidance_loss": GUIDANCE_LOSSES,
     "lr_scheduler": LR_SCHEDULERS,
     "precision": PRECISIONS,
+    "activation_cache_dtype": CACHE_DTYPES,
     "wikitext_config": WIKITEXT_CONFIGS,
 }
 
@@ -97,7 +99,8 @@ class GuidanceConfig:
     grad_clip_coeff: float = flag(5.0, "maximum gradient norm; 0 disables clipping")
     num_warmup_steps: int = flag(0, "linear warm-up steps of the learning rate")
     lr_scheduler: str = flag("constant", "learning-rate schedule after warm-up: constant, linear or cosine")
-    no_activation_cache: bool = flag(False, "run the full hooked model every step instead of caching the block's input")
+    no_activation_cache: bool = flag(False, "run the full hooked model every step instead of caching the memory block's output")
+    activation_cache_dtype: str = flag("float32", "dtype of the cached block outputs in CPU memory: float32, float16 or bfloat16")
 
     # bookkeeping
     seed: int = flag(1, "seed of document choice, DocReps, memory init and batch order")

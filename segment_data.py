@@ -11,7 +11,9 @@ Example:
 """
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,17 @@ from hook_lm import MemoryLM
 from utils import head_sequence_cross_entropy, sequence_cross_entropy
 
 logger = logging.getLogger(__name__)
+
+
+def available_memory_bytes() -> int:
+    """Return the memory available to new allocations, from /proc/meminfo or sysconf."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    # NOTE: outside Linux this counts free pages only, so it underestimates what the OS can release
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass

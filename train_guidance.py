@@ -32,7 +32,7 @@ from config import GuidanceConfig
 from document_memories import DocumentMemory
 from errors import InputError
 from hook_lm import MemoryLM
-from segment_data import Batch, SegmentData, batch_cross_entropy
+from segment_data import Batch, SegmentData, available_memory_bytes, batch_cross_entropy
 from utils import guidance_loss, make_run_dir, negative_docreps, seed_everything
 
 logger = logging.getLogger("train_guidance")
@@ -227,6 +227,24 @@ def load_run(config: GuidanceConfig):
     return device, documents, segments, model, tokenizer
 
 
+def build_activation_cache(config: GuidanceConfig, memory_lm: MemoryLM, data: SegmentData,
+                           device: torch.device) -> None:
+    """Cache the memory block's output of every segment, or explain why the full path is used."""
+    dtype = getattr(torch, config.activation_cache_dtype)
+    needed = data.cache_bytes(memory_lm.memory.settings["hidden_size"], dtype)
+    available = available_memory_bytes()
+    # keep half of the free memory for the model, activations and the optimiser
+    if needed > available // 2:
+        logger.warning("the activation cache needs %.2f GB but only %.2f GB of memory is available; "
+                       "running the full model every step instead (as --no_activation_cache). "
+                       "--activation_cache_dtype float16 halves the cache.", needed / 1e9, available / 1e9)
+        return
+    start = time.perf_counter()
+    data.build_activation_cache(memory_lm, config.batch_size, device, dtype)
+    logger.info("activation cache of block %d: %.1f MB (%s) in %.1f s", memory_lm.layer, needed / 1e6,
+                config.activation_cache_dtype, time.perf_counter() - start)
+
+
 def finish_run(trainer: Trainer, data: SegmentData) -> dict:
     """Write the GIF and metrics.json at the end of training."""
     run_dir = trainer.run_dir
@@ -263,11 +281,7 @@ def train(config: GuidanceConfig) -> int:
                 run_dir, len(documents), len(data), data.num_tokens, trainable, total)
 
     if not config.no_activation_cache:
-        start = time.perf_counter()
-        data.build_activation_cache(memory_lm, config.batch_size, device)
-        logger.info("activation cache of block %d: %.1f MB in %.1f s", memory_lm.layer,
-                    data.cache_bytes(memory.settings["hidden_size"], torch.float32) / 1e6,
-                    time.perf_counter() - start)
+        build_activation_cache(config, memory_lm, data, device)
     trainer = Trainer(config, memory_lm, data, device, run_dir, documents)
     return run_training(trainer, data)
 

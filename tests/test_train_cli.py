@@ -98,3 +98,24 @@ def test_smollm2_on_wikitext_lowers_own_ce(tmp_path):
         assert row["ce_own"] < row["ce_memory_off"], row["title"]
     config = json.loads((save_dir / "run_000" / "config.json").read_text())
     assert config["resolved_hook_memory_layer"] == 29
+
+
+def test_cache_too_large_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train_guidance, "available_memory_bytes", lambda: 1000)
+    save_dir = tmp_path / "runs"
+    flags = tiny_run_flags(tmp_path, "llama", save_dir) + ["--num_epochs", "1"]
+    with caplog.at_level("WARNING"):
+        assert train_guidance.main(flags) == 0
+    assert "running the full model every step" in caplog.text
+    assert (save_dir / "run_000" / "metrics.json").is_file()
+
+
+def test_half_precision_cache_close_to_float32(tmp_path):
+    metrics = []
+    for dtype in ("float32", "float16"):
+        save_dir = tmp_path / dtype
+        flags = tiny_run_flags(tmp_path, "gpt_neox", save_dir) + ["--activation_cache_dtype", dtype]
+        assert train_guidance.main(flags) == 0
+        metrics.append(json.loads((save_dir / "run_000" / "metrics.json").read_text()))
+    for full, half in zip(metrics[0]["documents"], metrics[1]["documents"]):
+        assert half["ce_own"] == pytest.approx(full["ce_own"], abs=1e-2)
