@@ -94,8 +94,8 @@ def save_checkpoint(path: Path, memory: DocumentMemory, optimizer: torch.optim.O
 def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors file next to `path`, flush it to disk, then rename it over `path`.
 
-    A process killed before the rename leaves the previous file untouched; the temporary file's name
-    carries the process id, so two processes never write into the same temporary file.
+    A process killed before the rename leaves the previous file untouched. The temporary file's name
+    contains the process id, so two processes never write into the same temporary file.
     """
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

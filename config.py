@@ -6,7 +6,7 @@ lives next to the default.
 
 `--resume RUN_DIR` is a parser flag, not a field: the run's saved config.json replaces the defaults.
 Next to it, `--num_epochs` may be raised, and the flags in RESUME_RELOCATABLE may change because they
-say where files and devices are, not what is trained. Any other flag must repeat the saved value.
+locate files and devices and do not change what is trained. Any other flag must repeat the saved value.
 
 Example:
     config = GuidanceConfig.from_args(["--lm_name", "smollm2", "--lm_size", "135m"])
@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,14 +224,14 @@ class GuidanceConfig:
         except InputError as err:
             raise InputError(f"{path}: {err}") from err
 
-    def with_resume_flags(self, given: dict, source: Path) -> "GuidanceConfig":
+    def with_resume_flags(self, explicit_flags: dict, source: Path) -> "GuidanceConfig":
         """Return this saved config with the flags given next to --resume applied.
 
         Raises InputError for a lowered --num_epochs and for any other changed flag that is not in
         RESUME_RELOCATABLE. `source` is the config.json named in the message.
         """
         changes = {}
-        for name, value in given.items():
+        for name, value in explicit_flags.items():
             saved_value = getattr(self, name)
             if value == saved_value:
                 continue
@@ -268,19 +267,21 @@ def parse_command_line(argv: list[str] | None = None) -> CommandLine:
     resume_dir = Path(resume)
     if not resume_dir.is_dir():
         raise InputError(f"--resume {resume!r} is not a folder; pass a run folder such as outputs/run_000")
-    given = vars(GuidanceConfig.build_parser(suppress_defaults=True).parse_args(argv))
-    del given["resume"]
+    explicit_flags = vars(GuidanceConfig.build_parser(suppress_defaults=True).parse_args(argv))
+    del explicit_flags["resume"]
     config_path = resume_dir / "config.json"
     saved = GuidanceConfig.load(config_path)
-    return CommandLine(saved.with_resume_flags(given, config_path), resume_dir)
+    return CommandLine(saved.with_resume_flags(explicit_flags, config_path), resume_dir)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Argument parser that reports a bad flag in one line on stderr and exits with status 2."""
+    """Argument parser that raises InputError for a bad flag instead of printing its usage and exiting.
+
+    The command line then reports it like every other invalid input: one line and exit status 2.
+    """
 
     def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+        raise InputError(message)
 
 
 def _field_kind(spec) -> str:

@@ -18,6 +18,7 @@ Example (a few minutes on a laptop CPU, with the model bundled in the llm-smollm
     python train_guidance.py --resume outputs/run_000 --num_epochs 80
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -124,7 +125,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(config, self.memory, steps_per_epoch)
         self.history: list[dict] = []
         self.epoch = 0
-        self.saved_epoch: int | None = None  # epoch of the checkpoint in run_dir, None before the first
+        self.saved_epoch: int | None = None  # epoch of the checkpoint in run_dir; None before the first save
         self.stop_requested = False
 
     def autocast(self):
@@ -253,14 +254,14 @@ class Trainer:
 
 
 def check_resumable(checkpoint: tuple[dict, dict], memory: DocumentMemory, path: Path) -> None:
-    """Raise InputError unless a verified checkpoint holds a full training state for `memory`."""
+    """Raise InputError unless a verified checkpoint contains a full training state for `memory`."""
     tensors, metadata = checkpoint
     saved_settings = json.loads(metadata["memory_settings"])
     if saved_settings != memory.settings:
         changed = sorted(key for key in {*saved_settings, *memory.settings}
                          if saved_settings.get(key) != memory.settings.get(key))
-        raise InputError(f"checkpoint {path} holds a memory with other settings ({', '.join(changed)}) "
-                         "than this run's config.json and model")
+        raise InputError(f"checkpoint {path} contains a memory with other settings ({', '.join(changed)}) "
+                         "than this run's config.json and model; resume with the model it was trained on")
     state = json.loads(metadata["state"])
     missing = [*(key for key in ("epoch", "history", "scheduler") if key not in state),
                *(name for name in ("rng.generator", "rng.torch") if name not in tensors)]
@@ -290,14 +291,20 @@ def load_run(config: GuidanceConfig, resume_dir: Path | None = None):
 def check_resumed_run(config_path: Path, config: GuidanceConfig, documents) -> None:
     """Raise InputError unless the documents are the ones the run in `config_path` trained on."""
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    selected = [{"label": label, "index": doc.index, "title": doc.title} for label, doc in enumerate(documents)]
-    if saved.get("documents") != selected:
+    if saved.get("documents") != describe_documents(documents):
         raise InputError(f"the documents selected from --data_path {config.data_path!r} differ from those in "
                          f"{config_path}; pass the data the run was started with")
     if config.num_epochs != saved["num_epochs"] and config.lr_scheduler != "constant":
         logger.warning("--num_epochs raised from %d to %d: the %s learning-rate schedule now spans %d epochs, "
                        "so the learning rate jumps at the resumed epoch", saved["num_epochs"], config.num_epochs,
                        config.lr_scheduler, config.num_epochs)
+
+
+def describe_documents(documents) -> list[dict]:
+    """Return label, corpus index, title and text SHA-256 of each selected document, for config.json."""
+    return [{"label": label, "index": doc.index, "title": doc.title,
+             "sha256": hashlib.sha256(doc.text.encode("utf-8")).hexdigest()}
+            for label, doc in enumerate(documents)]
 
 
 def read_resume_checkpoint(run_dir: Path) -> tuple[dict, dict] | None:
@@ -342,8 +349,7 @@ def train(config: GuidanceConfig, resume_dir: Path | None = None) -> int:
     # every check has passed: only now does the run get a folder (or its config.json updated)
     run_dir = resume_dir or make_run_dir(config.save_dir)
     config.save(run_dir / "config.json", resolved_hook_memory_layer=memory_lm.layer,
-                documents=[{"label": label, "index": doc.index, "title": doc.title}
-                           for label, doc in enumerate(documents)],
+                documents=describe_documents(documents),
                 num_segments=len(data), num_tokens=data.num_tokens,
                 trainable_parameters=trainable, total_parameters=total)
     logger.info("config: %s", json.dumps(config.to_dict()))
