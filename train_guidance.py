@@ -309,9 +309,6 @@ def describe_documents(documents) -> list[dict]:
 
 def read_resume_checkpoint(run_dir: Path) -> tuple[dict, dict] | None:
     """Read and verify the run's checkpoint; None when the run stopped before writing one."""
-    for stale in sorted(run_dir.glob(f"{CHECKPOINT_NAME}.*.tmp")):
-        logger.info("removing %s, left by a process stopped while saving", stale)
-        stale.unlink()
     path = run_dir / CHECKPOINT_NAME
     if not path.exists():
         logger.warning("%s has no %s; training restarts from epoch 0 in that folder", run_dir, CHECKPOINT_NAME)
@@ -348,6 +345,9 @@ def train(config: GuidanceConfig, resume_dir: Path | None = None) -> int:
 
     # every check has passed: only now does the run get a folder (or its config.json updated)
     run_dir = resume_dir or make_run_dir(config.save_dir)
+    for stale in sorted(run_dir.glob(f"{CHECKPOINT_NAME}.*.tmp")):
+        logger.info("removing %s, left by a process killed while saving", stale)
+        stale.unlink()
     config.save(run_dir / "config.json", resolved_hook_memory_layer=memory_lm.layer,
                 documents=describe_documents(documents),
                 num_segments=len(data), num_tokens=data.num_tokens,
@@ -381,8 +381,8 @@ def run_training(trainer: Trainer, data: SegmentData) -> int:
         trainer.stop_requested = True
         received.append(signum)
         signal.signal(signum, previous_handlers[signum])
-        logger.warning("%s received: saving a checkpoint after epoch %d; send it again to stop at once "
-                       "without saving", signal.Signals(signum).name, trainer.epoch + 1)
+        logger.warning("%s received: stopping with a checkpoint after the current epoch; send it again "
+                       "to stop at once without saving", signal.Signals(signum).name)
 
     previous_handlers = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
     start = time.perf_counter()
@@ -409,7 +409,7 @@ def resume_hint(trainer: Trainer) -> str:
     command = f"python train_guidance.py --resume {trainer.run_dir}"
     if trainer.saved_epoch is None:
         return f"no checkpoint was written; restart from epoch 0 in the same folder with: {command}"
-    return f"the checkpoint holds epoch {trainer.saved_epoch}; resume with: {command}"
+    return f"the checkpoint contains epoch {trainer.saved_epoch}; resume with: {command}"
 
 
 def main(argv: list[str] | None = None) -> int:
