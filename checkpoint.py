@@ -2,9 +2,10 @@
 
 A checkpoint holds the memory's weights and DocReps (`memory.*`), the AdamW state (`optimizer.*`),
 RNG states (`rng.*`) and, in the safetensors metadata, JSON for the rest: epoch, loss history,
-scheduler state, optimizer hyper-parameters, memory settings and a SHA-256 of every tensor, so that
-a file edited by hand is rejected. It is written to a temporary file and renamed over the old one,
-so a kill during a save leaves the previous checkpoint intact.
+scheduler state, optimizer hyper-parameters, memory settings and a SHA-256 over every tensor and
+every other metadata entry, so that a file truncated or edited by hand is rejected. It is written
+to a temporary file, flushed to disk and renamed over the old one, so a kill during a save leaves
+the previous checkpoint intact.
 
 Example:
     save_checkpoint(run_dir / "checkpoint.safetensors", memory, optimizer, state={"epoch": 3})
@@ -24,15 +25,22 @@ from document_memories import DocumentMemory
 from errors import InputError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+# Version 1 had a digest over the tensors only, so its metadata could be edited unnoticed.
+CHECKPOINT_FORMAT = "document_memories/2"
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Return a SHA-256 over the names, dtypes, shapes and bytes of `tensors`."""
+def checkpoint_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Return a SHA-256 over the names, dtypes, shapes and bytes of `tensors` and over `metadata`.
+
+    The metadata entry "sha256" itself is left out, so the digest can be stored in the metadata.
+    """
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    covered = {key: value for key, value in metadata.items() if key != "sha256"}
+    digest.update(json.dumps(covered, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -74,15 +82,30 @@ def save_checkpoint(path: Path, memory: DocumentMemory, optimizer: torch.optim.O
     for name, value in (extra_tensors or {}).items():
         tensors[name] = value.detach().cpu().contiguous().clone()
     metadata = {
-        "format": "document_memories/1",
+        "format": CHECKPOINT_FORMAT,
         "memory_settings": json.dumps(memory.settings),
         "param_groups": json.dumps(param_groups),
         "state": json.dumps(state or {}),
-        "sha256": tensors_digest(tensors),
     }
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    metadata["sha256"] = checkpoint_digest(tensors, metadata)
+    write_atomically(path, tensors, metadata)
+
+
+def write_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file next to `path`, flush it to disk, then rename it over `path`.
+
+    A process killed before the rename leaves the previous file untouched. The temporary file's name
+    contains the process id, so two processes never write into the same temporary file.
+    """
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -93,13 +116,16 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise InputError(f"checkpoint {path} is damaged or not a safetensors file ({err})") from err
-    if metadata.get("format") != "document_memories/1" or "sha256" not in metadata:
-        raise InputError(f"checkpoint {path} was not written by this project (missing format or sha256)")
-    if tensors_digest(tensors) != metadata["sha256"]:
-        raise InputError(f"checkpoint {path} failed its SHA-256 check; it was edited or damaged")
+        raise InputError(f"checkpoint {path} is damaged or not a safetensors file ({err}); "
+                         "use an intact copy or start a new run") from err
+    if metadata.get("format") != CHECKPOINT_FORMAT or "sha256" not in metadata:
+        raise InputError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} checkpoint "
+                         f"(format {metadata.get('format')!r}); it was not written by this version")
+    if checkpoint_digest(tensors, metadata) != metadata["sha256"]:
+        raise InputError(f"checkpoint {path} failed its SHA-256 check, so it was edited or damaged; "
+                         "use an intact copy or start a new run")
     return tensors, metadata
 
 

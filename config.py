@@ -4,20 +4,26 @@ Every flag is validated in `__post_init__`, before any model or data is loaded, 
 in seconds with a one-line `InputError`. The parser is generated from the fields, so the help text
 lives next to the default.
 
+`--resume RUN_DIR` is a parser flag, not a field: the run's saved config.json replaces the defaults.
+Next to it, `--num_epochs` may be raised, and the flags in RESUME_RELOCATABLE may change because they
+locate files and devices and do not change what is trained. Any other flag must repeat the saved value.
+
 Example:
     config = GuidanceConfig.from_args(["--lm_name", "smollm2", "--lm_size", "135m"])
+    command_line = parse_command_line(["--resume", "outputs/run_000", "--num_epochs", "800"])
 """
 
 import argparse
 import dataclasses
 import json
 import math
-import sys
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from document_memories import DOCUMENT_KEY_MODULE_TYPES, KEY_ACTIVATIONS, LM_ACTIVATIONS
 from errors import InputError
+from foundations import LM_NAMES
 from utils import GUIDANCE_LOSSES, NEGATIVE_KEY_TYPES
 from wikitext import WIKITEXT_CONFIGS
 
@@ -34,6 +40,11 @@ NON_NEGATIVE_NUMBERS = (
     "lr", "guidance", "target_negative_ce", "perturb_std", "grad_clip_coeff", "num_warmup_steps",
     "weight_decay", "num_gpus",
 )
+# numpy accepts seeds in 0..2**32 - 1 only, the narrowest range of the RNGs that --seed seeds.
+MAX_SEED = 2**32 - 1
+# Flags that may differ from the saved config.json under --resume: they locate the model, the data
+# and the devices. Moving to other devices keeps the run going but not bit-identical.
+RESUME_RELOCATABLE = ("lm_path", "lm_cache_dir", "data_path", "data_cache_dir", "num_gpus", "device")
 CHOICES = {
     "key_activation": KEY_ACTIVATIONS,
     "lm_act": LM_ACTIVATIONS,
@@ -108,6 +119,7 @@ class GuidanceConfig:
     save_dir: str = flag("outputs", "folder under which each run gets a new numbered folder")
 
     def __post_init__(self):
+        self._check_types()
         for name in POSITIVE_INTS:
             value = getattr(self, name)
             if value < 1:
@@ -116,6 +128,34 @@ class GuidanceConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise InputError(f"--{name} {value} is invalid; it must be a finite number >= 0")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"--seed {self.seed} is invalid; it must be in 0..{MAX_SEED}")
+        self._check_choices()
+        if self.negative_key_type == "other" and self.max_labels < 2:
+            raise InputError(f"--negative_key_type other needs at least 2 documents, but --max_labels is "
+                             f"{self.max_labels}; raise --max_labels or use random, zero or perturb")
+
+    def _check_types(self) -> None:
+        """Reject values of the wrong type, which a hand-edited config.json can contain."""
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            expected = _field_kind(spec)
+            valid = {
+                "bool": isinstance(value, bool),
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "str": isinstance(value, str),
+                "str or null": value is None or isinstance(value, str),
+            }[expected]
+            if not valid:
+                raise InputError(f"--{spec.name} {value!r} is invalid; it must be of type {expected}")
+
+    def _check_choices(self) -> None:
+        if self.lm_name not in LM_NAMES:
+            raise InputError(f"unknown --lm_name '{self.lm_name}'; valid: {', '.join(sorted(LM_NAMES))}")
+        sizes = LM_NAMES[self.lm_name]
+        if self.lm_size not in sizes:
+            raise InputError(f"unknown --lm_size '{self.lm_size}' for {self.lm_name}; valid: {', '.join(sizes)}")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -124,60 +164,141 @@ class GuidanceConfig:
             raise InputError(f"unknown --device '{self.device}'; valid: auto, cpu, cuda, cuda:N")
 
     @classmethod
-    def build_parser(cls) -> argparse.ArgumentParser:
-        """Build an argparse parser with one flag per field."""
+    def build_parser(cls, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+        """Build an argparse parser with one flag per field, plus --resume.
+
+        With `suppress_defaults`, a flag that is not on the command line is absent from the parsed
+        namespace, which tells the flags given next to --resume from the defaults.
+        """
         parser = OneLineErrorParser(
             description="Train document-wise memories with guidance on a frozen causal LM.",
         )
         for spec in dataclasses.fields(cls):
             names = [f"--{spec.name}", *spec.metadata.get("aliases", ())]
             help_text = f"{spec.metadata['help']} (default: {spec.default})"
-            if spec.type is bool or spec.type == "bool":
-                parser.add_argument(*names, dest=spec.name, action="store_true", help=help_text)
+            default = argparse.SUPPRESS if suppress_defaults else spec.default
+            if _field_kind(spec) == "bool":
+                parser.add_argument(*names, dest=spec.name, action="store_true", default=default,
+                                    help=help_text)
                 continue
-            parser.add_argument(*names, dest=spec.name, type=_parse_type(spec), default=spec.default,
+            parser.add_argument(*names, dest=spec.name, type=_parse_type(spec), default=default,
                                 help=help_text)
+        parser.add_argument(
+            "--resume", metavar="RUN_DIR", default=argparse.SUPPRESS if suppress_defaults else None,
+            help="continue the run in RUN_DIR from its last checkpoint with its saved config.json; "
+                 "--num_epochs may be raised and --" + ", --".join(RESUME_RELOCATABLE)
+                 + " may change, every other flag must repeat the saved value",
+        )
         return parser
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "GuidanceConfig":
         """Parse and validate command-line flags; raise InputError on an invalid value."""
-        namespace = cls.build_parser().parse_args(argv)
-        return cls(**vars(namespace))
+        return parse_command_line(argv).config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def save(self, path: Path, **extra) -> None:
-        """Write the config, plus `extra` entries such as the chosen documents, as JSON."""
-        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n", encoding="utf-8")
+        """Write the config, plus `extra` entries such as the chosen documents, as JSON.
+
+        The file is written next to `path` and renamed over it, so a kill never leaves half a file.
+        """
+        path = Path(path)
+        temporary = path.with_name(f"{path.name}.tmp")
+        temporary.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
 
     @classmethod
     def load(cls, path: Path) -> "GuidanceConfig":
-        """Read a config.json written by `save`, ignoring the extra entries."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        """Read a config.json written by `save`, ignoring the extra entries; raise InputError if invalid."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise InputError(f"{path} not found; pass a run folder written by train_guidance.py") from err
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path} cannot be read as JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise InputError(f"{path} does not contain a JSON object")
         names = {spec.name for spec in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in names})
+        try:
+            return cls(**{key: value for key, value in data.items() if key in names})
+        except InputError as err:
+            raise InputError(f"{path}: {err}") from err
+
+    def with_resume_flags(self, explicit_flags: dict, source: Path) -> "GuidanceConfig":
+        """Return this saved config with the flags given next to --resume applied.
+
+        Raises InputError for a lowered --num_epochs and for any other changed flag that is not in
+        RESUME_RELOCATABLE. `source` is the config.json named in the message.
+        """
+        changes = {}
+        for name, value in explicit_flags.items():
+            saved_value = getattr(self, name)
+            if value == saved_value:
+                continue
+            if name == "num_epochs" and value < saved_value:
+                raise InputError(f"--num_epochs {value} is below the {saved_value} epochs in {source}; "
+                                 "with --resume it may only be raised")
+            if name != "num_epochs" and name not in RESUME_RELOCATABLE:
+                raise InputError(f"--{name} {value} conflicts with {saved_value} in {source}; with --resume "
+                                 "only --num_epochs (raised) and --" + ", --".join(RESUME_RELOCATABLE)
+                                 + " may change")
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    """Parsed command line: the run's settings and, with --resume, the run folder to continue."""
+
+    config: GuidanceConfig
+    resume_dir: Path | None = None
+
+
+def parse_command_line(argv: list[str] | None = None) -> CommandLine:
+    """Parse and validate the flags; with --resume, start from the run's saved config.json.
+
+    Raises InputError for an invalid value, a folder without config.json or a conflicting flag.
+    """
+    namespace = vars(GuidanceConfig.build_parser().parse_args(argv))
+    resume = namespace.pop("resume")
+    if resume is None:
+        return CommandLine(GuidanceConfig(**namespace))
+
+    resume_dir = Path(resume)
+    if not resume_dir.is_dir():
+        raise InputError(f"--resume {resume!r} is not a folder; pass a run folder such as outputs/run_000")
+    explicit_flags = vars(GuidanceConfig.build_parser(suppress_defaults=True).parse_args(argv))
+    del explicit_flags["resume"]
+    config_path = resume_dir / "config.json"
+    saved = GuidanceConfig.load(config_path)
+    return CommandLine(saved.with_resume_flags(explicit_flags, config_path), resume_dir)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Argument parser that reports a bad flag in one line on stderr and exits with status 2."""
+    """Argument parser that raises InputError for a bad flag instead of printing its usage and exiting.
+
+    The command line then reports it like every other invalid input: one line and exit status 2.
+    """
 
     def error(self, message):
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
+        raise InputError(message)
+
+
+def _field_kind(spec) -> str:
+    """Return "bool", "int", "float", "str" or "str or null" for a field's annotation."""
+    type_name = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+    for kind in ("bool", "int", "float"):
+        if kind in type_name:
+            return kind
+    return "str or null" if "None" in type_name else "str"
 
 
 def _parse_type(spec):
     """Return the argparse converter for a field; `str | None` fields accept 'none' as None."""
-    type_name = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
-    if "int" in type_name:
-        return int
-    if "float" in type_name:
-        return float
-    if "None" in type_name:
-        return _optional_str
-    return str
+    return {"int": int, "float": float, "str or null": _optional_str}.get(_field_kind(spec), str)
 
 
 def _optional_str(text: str) -> str | None:

@@ -96,7 +96,8 @@ def select_documents(documents: list[Document], max_labels: int, seed: int) -> l
         raise InputError(f"--max_labels {max_labels} is invalid; it must be at least 1")
     if max_labels > len(documents):
         raise InputError(
-            f"--max_labels {max_labels} is more than the {len(documents)} documents loaded"
+            f"--max_labels {max_labels} is more than the {len(documents)} documents loaded; "
+            f"valid: 1..{len(documents)}"
         )
 
     chosen = random.Random(seed).sample(documents, max_labels)
@@ -206,7 +207,7 @@ def _load_local_documents(path: Path) -> list[Document]:
 
     text = _read_text(path)
     if not text.strip():
-        raise InputError(f"--data_path {str(path)!r} is empty")
+        raise InputError(f"--data_path {str(path)!r} is empty; it must contain at least one document")
     if suffix == ".txt":
         return _parse_wikitext(text, path)
     return _parse_jsonl(text, path)
@@ -217,13 +218,16 @@ def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except PermissionError as err:
-        raise InputError(f"cannot read {str(path)!r}: permission denied") from err
+        raise InputError(f"cannot read {str(path)!r}: permission denied; make it readable") from err
+    except OSError as err:
+        raise InputError(f"cannot read {str(path)!r}: {err.strerror or err}") from err
 
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(
-            f"{str(path)!r} is not UTF-8 text (invalid byte at offset {err.start})"
+            f"{str(path)!r} is not UTF-8 text (invalid byte at offset {err.start}); "
+            "convert it to UTF-8"
         ) from err
     # Editors on Windows may prepend a byte order mark, which would hide a heading on line 1.
     return text.removeprefix("\ufeff")

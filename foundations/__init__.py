@@ -5,6 +5,7 @@ tokenizer that pads on the left. The accessors work on any loaded model and disp
 ``model.config.model_type``: ``gpt_neox`` (Pythia, in ``pythia.py``) and ``llama``
 (Llama-2 and SmolLM2, in ``llama2.py``). Example::
 
+    validate_model_arguments("pythia", "70m")  # before any slow work
     model, tokenizer = load_foundation("pythia", "70m")
     block = get_block(model, -1)  # the last GPTNeoXLayer
     info = get_lm_info(model)  # {"hidden_size": 512, "num_hidden_layers": 6, ...}
@@ -122,6 +123,16 @@ def _device_map_kwargs(num_gpus: int) -> dict:
     # NOTE: not yet run on a GPU machine.
     max_memory = {index: torch.cuda.mem_get_info(index)[0] for index in range(num_gpus)}
     return {"device_map": "auto", "max_memory": max_memory}
+
+
+def validate_model_arguments(lm_name: str, lm_size: str, lm_path: str | None = None) -> None:
+    """Raise InputError for an unknown name or size or an invalid ``lm_path``; load nothing.
+
+    Callers run this before reading any data, so that a bad model argument fails in seconds.
+    """
+    family = _family_for_lm_name(lm_name, lm_size)
+    if lm_path is not None:
+        validate_model_folder(lm_path, lm_name, family.MODEL_TYPE)
 
 
 def validate_model_folder(lm_path: str, lm_name: str, model_type: str) -> None:

@@ -308,7 +308,9 @@ def test_selection_rejects_more_labels_than_documents():
     with pytest.raises(InputError) as caught:
         select_documents(make_documents(60), max_labels=70, seed=0)
 
-    assert str(caught.value) == "--max_labels 70 is more than the 60 documents loaded"
+    assert str(caught.value) == (
+        "--max_labels 70 is more than the 60 documents loaded; valid: 1..60"
+    )
 
 
 # --- segmentation -------------------------------------------------------------------------------
