@@ -225,6 +225,9 @@ def run_evaluation(run_dir: Path, config: GuidanceConfig, memory_lm: MemoryLM, d
     segments = wikitext.build_segments(documents, config.segment_length, config.max_segements)
     prompts = recall.build_prompts(segments, tokenizer, config.eval_prompt_words, config.eval_new_tokens,
                                    config.eval_prompts_per_document)
+    if not prompts:
+        logger.warning("no segment is longer than --eval_prompt_words %d words; ROUGE is n/a",
+                       config.eval_prompt_words)
     generations = recall.generate_and_score(memory_lm, tokenizer, prompts, config.eval_new_tokens,
                                             config.batch_size)
     write_json(run_dir / "generations.json", generations)
