@@ -110,7 +110,7 @@ class GuidanceConfig:
     eval_new_tokens: int = flag(16, "tokens generated greedily per prompt and scored against the true continuation")
     eval_l0_threshold: float = flag(0.01, "absolute value above which a document-selection entry counts in L0")
     eval_landscape_documents: int = flag(2, "documents drawn in the perplexity landscape (key_dim 2 only); 0 skips it")
-    eval_landscape_points: int = flag(11, "grid points per axis of the perplexity landscape")
+    eval_landscape_points: int = flag(9, "grid points per axis of the perplexity landscape")
     eval_landscape_margin: float = flag(0.5, "margin added around the trained DocReps by the landscape grid")
     eval_top_k: int = flag(10, "tokens listed per document by the logit lens")
 

@@ -3,7 +3,7 @@
 Selections are (num_documents, hook_memory_dim), one row per document. L0 counts the entries whose
 absolute value is above a threshold, L1 and L2 are the usual norms of a row, and the pairwise
 distance is the Euclidean distance between two documents' rows. A CE matrix is
-(num_documents, num_documents): row d holds document d's mean CE under each DocRep.
+(num_documents, num_documents): row d contains document d's mean CE under each DocRep.
 
 Example:
     summary = selection_metrics(memory.document_selection(memory.docreps), threshold=0.01)

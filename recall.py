@@ -40,12 +40,12 @@ def build_prompts(segments, tokenizer, prompt_words: int, new_tokens: int, per_d
     score against.
     """
     prompts = []
-    taken: dict[int, int] = {}
+    segments_seen: dict[int, int] = {}
     for segment in segments:
-        position = taken.get(segment.label, 0)
+        position = segments_seen.get(segment.label, 0)
         if position >= per_document:
             continue
-        taken[segment.label] = position + 1
+        segments_seen[segment.label] = position + 1
         words = segment.text.split()
         if len(words) <= prompt_words:
             continue

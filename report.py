@@ -1,6 +1,6 @@
 """Write report.md of a run: configuration, CE matrix, ROUGE, memory metrics, logit lens and figures.
 
-The report holds no timestamps or wall times, so that `python evaluate.py RUN_DIR` on a saved run
+The report contains no timestamps or wall times, so that `python evaluate.py RUN_DIR` on a saved run
 folder writes the same file as the end of training. Every number is rounded to fixed decimals.
 
 Example:

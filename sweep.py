@@ -125,6 +125,7 @@ def summarize_run(run_dir: Path, save_dir: Path, wall_times: dict[str, float]) -
         "negative_key_type": config["negative_key_type"], "num_epochs": config["num_epochs"],
         "wall_s": wall_times.get(relative),
     })
+
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
         return row
@@ -138,6 +139,7 @@ def summarize_run(run_dir: Path, save_dir: Path, wall_times: dict[str, float]) -
         "ce_best_other": _mean([document["ce_best_other"] for document in documents]),
         "ce_memory_off": _mean([document["ce_memory_off"] for document in documents]),
     })
+
     if "rouge" in metrics:
         rouge = metrics["rouge"]
         row.update({f"rougeL_f1_{condition}": rouge[condition]["rougeL"]["fmeasure"]
