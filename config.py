@@ -105,6 +105,8 @@ class GuidanceConfig:
     save_dir: str = flag("outputs", "folder under which each run gets a new numbered folder")
 
     # evaluation
+    # NOTE: evaluate.check_evaluation_options validates these when the evaluation starts, which in
+    # train_guidance.py is after training, so an invalid value fails late.
     eval_prompts_per_document: int = flag(2, "segments per document whose opening words are generation prompts")
     eval_prompt_words: int = flag(16, "words at the start of a segment that form a generation prompt")
     eval_new_tokens: int = flag(16, "tokens generated greedily per prompt and scored against the true continuation")

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import figures
 import foundations
@@ -159,7 +159,7 @@ def check_evaluation_options(config: GuidanceConfig) -> None:
             raise InputError(f"--{name} {value} is invalid; it must be a finite number >= 0")
 
 
-def load_tokenizer(model) -> object:
+def load_tokenizer(model) -> PreTrainedTokenizerBase:
     """Load the tokenizer saved beside the model's weights, padding on the left as training does."""
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     if tokenizer.pad_token is None:
@@ -209,8 +209,11 @@ def landscape_section(memory_lm: MemoryLM, data: SegmentData, config: GuidanceCo
 
 def run_evaluation(run_dir: Path, config: GuidanceConfig, memory_lm: MemoryLM, data: SegmentData,
                    documents, tokenizer, history: list[dict]) -> dict:
-    """Evaluate a trained memory and write metrics.json, generations.json, logit_lens.json,
-    the landscape, memory_selection.gif and report.md into `run_dir`; return the metrics."""
+    """Evaluate a trained memory, write every evaluation file into `run_dir`, and return the metrics.
+
+    The files are metrics.json, generations.json, logit_lens.json, landscape/, memory_selection.gif
+    (from the saved frames) and report.md.
+    """
     check_evaluation_options(config)
     run_dir = Path(run_dir)
     frames = sorted((run_dir / "frames").glob("epoch_*.png"))

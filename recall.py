@@ -94,7 +94,7 @@ def generate_continuations(memory_lm: MemoryLM, tokenizer, prompts: list[Prompt]
         input_ids = input_ids.to(memory_lm.memory_device)
         attention_mask = attention_mask.to(memory_lm.memory_device)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                      min_new_tokens=0, do_sample=False, num_beams=1,
+                      do_sample=False, num_beams=1,
                       pad_token_id=tokenizer.pad_token_id)
         docreps = condition_docreps(memory_lm.memory.docreps, [prompt.label for prompt in chunk], condition)
         if docreps is None:

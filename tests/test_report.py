@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import evaluate
+import report
 import train_guidance
 from tiny_models import save_tiny_model
 
@@ -98,3 +99,15 @@ def test_evaluate_rejects_bad_option(tiny_run, capsys):
     assert evaluate.main([str(tiny_run), "--eval_new_tokens", "0"]) == 2
     assert "--eval_new_tokens 0 is invalid" in capsys.readouterr().err
     assert (tiny_run / "report.md").read_bytes() == report_before
+
+
+def test_format_number_handles_missing():
+    assert report.format_number(None) == "n/a"
+    assert report.format_number(float("nan")) == "n/a"
+    assert report.format_number(float("inf")) == "n/a"
+    assert report.format_number(1.23456, 2) == "1.23"
+
+
+def test_escape_cell_keeps_one_line():
+    assert report.escape_cell("a|b\n c") == "a\\|b c"
+    assert report.escape_cell("`code`") == "'code'"
