@@ -118,6 +118,18 @@ class GuidanceConfig:
     save_freq: int = flag(10, "epochs between checkpoints and selection-figure frames")
     save_dir: str = flag("outputs", "folder under which each run gets a new numbered folder")
 
+    # evaluation
+    # NOTE: evaluate.check_evaluation_options validates these when the evaluation starts, which in
+    # train_guidance.py is after training, so an invalid value fails late.
+    eval_prompts_per_document: int = flag(2, "segments per document whose opening words are generation prompts")
+    eval_prompt_words: int = flag(16, "words at the start of a segment that form a generation prompt")
+    eval_new_tokens: int = flag(16, "tokens generated greedily per prompt and scored against the true continuation")
+    eval_l0_threshold: float = flag(0.01, "absolute value above which a document-selection entry counts in L0")
+    eval_landscape_documents: int = flag(2, "documents drawn in the perplexity landscape (key_dim 2 only); 0 skips it")
+    eval_landscape_points: int = flag(9, "grid points per axis of the perplexity landscape")
+    eval_landscape_margin: float = flag(0.5, "margin added around the trained DocReps by the landscape grid")
+    eval_top_k: int = flag(10, "tokens listed per document by the logit lens")
+
     def __post_init__(self):
         self._check_types()
         for name in POSITIVE_INTS:

@@ -3,6 +3,10 @@
 #
 #   bash run.sh            the paper's setting: Pythia-1B, memory on block 15, 10 WikiText-103 pages
 #   bash run.sh quick      a few minutes on a 2-core CPU: SmolLM2-135M, last block, 4 documents
+#   bash run.sh sweep      one quick run per key activation (tanh relu sigmoid) x guidance (0 0.1 0.5),
+#                          then sweep.csv, sweep.md and sweep.png under SAVE_DIR (default outputs/sweep);
+#                          set SWEEP_KEY_ACTIVATIONS, SWEEP_GUIDANCES, SWEEP_NEGATIVE_KEY_TYPES or
+#                          SWEEP_PRESET to change the grid
 #
 # Every value below can be overridden by an environment variable of the same name in upper case,
 # for example `DATA_PATH=../shared/data/wikitext-2/valid.txt NUM_EPOCHS=20 bash run.sh quick`.
@@ -27,8 +31,17 @@ case "$preset" in
     : "${MAX_LABELS:=4}" "${SEGMENT_LENGTH:=32}" "${MAX_SEGEMENTS:=4}" "${MAX_LENGTH:=64}"
     : "${BATCH_SIZE:=16}" "${LR:=3e-3}" "${NUM_EPOCHS:=60}" "${SAVE_FREQ:=5}"
     ;;
+  sweep)
+    # one quick run per setting; each axis is a space-separated list
+    read -r -a key_activations <<< "${SWEEP_KEY_ACTIVATIONS:-tanh relu sigmoid}"
+    read -r -a guidances <<< "${SWEEP_GUIDANCES:-0 0.1 0.5}"
+    read -r -a negative_key_types <<< "${SWEEP_NEGATIVE_KEY_TYPES:-other}"
+    exec python sweep.py run --save_dir "${SAVE_DIR:-outputs/sweep}" --preset "${SWEEP_PRESET:-quick}" \
+      --key_activations "${key_activations[@]}" --guidances "${guidances[@]}" \
+      --negative_key_types "${negative_key_types[@]}" -- "$@"
+    ;;
   *)
-    echo "error: unknown preset '$preset'; valid: paper, quick" >&2
+    echo "error: unknown preset '$preset'; valid: paper, quick, sweep" >&2
     exit 2
     ;;
 esac

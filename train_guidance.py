@@ -335,15 +335,14 @@ def read_resume_checkpoint(run_dir: Path) -> tuple[dict, dict] | None:
 
 
 def finish_run(trainer: Trainer, data: SegmentData) -> dict:
-    """Write the GIF and metrics.json at the end of training."""
-    run_dir = trainer.run_dir
-    figures.write_gif(sorted((run_dir / "frames").glob("epoch_*.png")), run_dir / "memory_selection.gif")
+    """Evaluate the trained memory and write the GIF, metrics, figures and report.md.
+
+    `python evaluate.py RUN_DIR` writes the same files again from the saved run folder.
+    """
+    tokenizer = evaluate.load_tokenizer(trainer.memory_lm.model)
     with torch.no_grad(), trainer.autocast():
-        matrix = evaluate.ce_matrix(trainer.memory_lm, data, trainer.config.batch_size)
-    metrics = evaluate.write_metrics(run_dir / "metrics.json", matrix, trainer.documents)
-    logger.info("per-document CE (nats):\n%s", evaluate.format_ce_table(metrics))
-    logger.info("identification accuracy %.3f", metrics["identification_accuracy"])
-    return metrics
+        return evaluate.run_evaluation(trainer.run_dir, trainer.config, trainer.memory_lm, data,
+                                       trainer.documents, tokenizer, trainer.history)
 
 
 def train(config: GuidanceConfig, resume_dir: Path | None = None) -> int:
