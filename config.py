@@ -35,10 +35,11 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 POSITIVE_INTS = (
     "max_labels", "segment_length", "max_segements", "max_length", "batch_size", "num_epochs",
     "hook_memory_dim", "key_dim", "save_freq", "num_accumulation_steps",
+    "eval_prompts_per_document", "eval_prompt_words", "eval_new_tokens", "eval_landscape_points", "eval_top_k",
 )
 NON_NEGATIVE_NUMBERS = (
     "lr", "guidance", "target_negative_ce", "perturb_std", "grad_clip_coeff", "num_warmup_steps",
-    "weight_decay", "num_gpus",
+    "weight_decay", "num_gpus", "eval_landscape_documents", "eval_l0_threshold", "eval_landscape_margin",
 )
 # numpy accepts seeds in 0..2**32 - 1 only, the narrowest range of the RNGs that --seed seeds.
 MAX_SEED = 2**32 - 1
@@ -119,8 +120,6 @@ class GuidanceConfig:
     save_dir: str = flag("outputs", "folder under which each run gets a new numbered folder")
 
     # evaluation
-    # NOTE: evaluate.check_evaluation_options validates these when the evaluation starts, which in
-    # train_guidance.py is after training, so an invalid value fails late.
     eval_prompts_per_document: int = flag(2, "segments per document whose opening words are generation prompts")
     eval_prompt_words: int = flag(16, "words at the start of a segment that form a generation prompt")
     eval_new_tokens: int = flag(16, "tokens generated greedily per prompt and scored against the true continuation")

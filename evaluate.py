@@ -13,6 +13,7 @@ Example:
     python evaluate.py outputs/smollm2/135m/run_000 --eval_new_tokens 32
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 import figures
 import foundations
@@ -39,9 +39,6 @@ logger = logging.getLogger("evaluate")
 
 EVALUATION_PREFIX = "eval_"
 # Evaluation options that must be at least 1; the others must be finite and >= 0.
-POSITIVE_EVALUATION_OPTIONS = ("eval_prompts_per_document", "eval_prompt_words", "eval_new_tokens",
-                               "eval_landscape_points", "eval_top_k")
-
 
 @torch.no_grad()
 def segment_ce(memory_lm: MemoryLM, data: SegmentData, batch_size: int, docrep: torch.Tensor | None,
@@ -147,27 +144,6 @@ def format_ce_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def check_evaluation_options(config: GuidanceConfig) -> None:
-    """Raise InputError for an evaluation option out of range, naming the flag and the valid range."""
-    for name in POSITIVE_EVALUATION_OPTIONS:
-        value = getattr(config, name)
-        if value < 1:
-            raise InputError(f"--{name} {value} is invalid; it must be at least 1")
-    for name in ("eval_landscape_documents", "eval_l0_threshold", "eval_landscape_margin"):
-        value = getattr(config, name)
-        if not math.isfinite(value) or value < 0:
-            raise InputError(f"--{name} {value} is invalid; it must be a finite number >= 0")
-
-
-def load_tokenizer(model) -> PreTrainedTokenizerBase:
-    """Load the tokenizer saved beside the model's weights, padding on the left as training does."""
-    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 def memory_section(memory_lm: MemoryLM, data: SegmentData, documents, tokenizer, threshold: float) -> dict:
     """Return the document-selection metrics and their correlations with document lengths."""
     memory = memory_lm.memory
@@ -214,7 +190,6 @@ def run_evaluation(run_dir: Path, config: GuidanceConfig, memory_lm: MemoryLM, d
     The files are metrics.json, generations.json, logit_lens.json, landscape/, memory_selection.gif
     (from the saved frames) and report.md.
     """
-    check_evaluation_options(config)
     run_dir = Path(run_dir)
     frames = sorted((run_dir / "frames").glob("epoch_*.png"))
     if frames:
@@ -271,10 +246,8 @@ def load_saved_run(run_dir: Path, overrides: dict):
     for name in ("config.json", CHECKPOINT_NAME):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir / name} not found; pass a run folder written by train_guidance.py")
-    config = GuidanceConfig.load(run_dir / "config.json")
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    check_evaluation_options(config)
+    # replace() runs the config's validation on the overridden evaluation flags
+    config = dataclasses.replace(GuidanceConfig.load(run_dir / "config.json"), **overrides)
     documents = rebuild_documents(run_dir, config)
 
     model, tokenizer = foundations.load_foundation(config.lm_name, config.lm_size, lm_path=config.lm_path,

@@ -112,8 +112,9 @@ class Trainer:
     """Training state of one run: the memory LM, data, optimiser, history and RNG."""
 
     def __init__(self, config: GuidanceConfig, memory_lm: MemoryLM, data: SegmentData,
-                 device: torch.device, run_dir: Path, documents):
+                 device: torch.device, run_dir: Path, documents, tokenizer):
         self.config = config
+        self.tokenizer = tokenizer
         self.memory_lm = memory_lm
         self.memory = memory_lm.memory
         self.data = data
@@ -339,10 +340,9 @@ def finish_run(trainer: Trainer, data: SegmentData) -> dict:
 
     `python evaluate.py RUN_DIR` writes the same files again from the saved run folder.
     """
-    tokenizer = evaluate.load_tokenizer(trainer.memory_lm.model)
     with torch.no_grad(), trainer.autocast():
         return evaluate.run_evaluation(trainer.run_dir, trainer.config, trainer.memory_lm, data,
-                                       trainer.documents, tokenizer, trainer.history)
+                                       trainer.documents, trainer.tokenizer, trainer.history)
 
 
 def train(config: GuidanceConfig, resume_dir: Path | None = None) -> int:
@@ -375,7 +375,7 @@ def train(config: GuidanceConfig, resume_dir: Path | None = None) -> int:
 
     if not config.no_activation_cache:
         build_activation_cache(config, memory_lm, data, device)
-    trainer = Trainer(config, memory_lm, data, device, run_dir, documents)
+    trainer = Trainer(config, memory_lm, data, device, run_dir, documents, tokenizer)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         logger.info("resumed at epoch %d of %d", trainer.epoch, config.num_epochs)

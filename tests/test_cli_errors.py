@@ -118,6 +118,9 @@ CONFIG_CASES = {
                                  "--max_labels is 1"]),
     "negative seed": (["--seed", "-1"], ["--seed -1 is invalid", "0..4294967295"]),
     "non-integer batch size": (["--batch_size", "many"], ["--batch_size", "invalid int value: 'many'"]),
+    "eval_new_tokens 0": (["--eval_new_tokens", "0"], ["--eval_new_tokens 0 is invalid", "at least 1"]),
+    "negative l0 threshold": (["--eval_l0_threshold", "-0.1"],
+                              ["--eval_l0_threshold -0.1 is invalid", "finite number >= 0"]),
 }
 
 

@@ -19,7 +19,7 @@ import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models
 from transformers import GPTNeoXConfig, PreTrainedTokenizerFast
 
 import foundations
