@@ -4,7 +4,8 @@ Each selected document gets a fixed random DocRep; a small memory on the output 
 to lower the document's cross-entropy under its own DocRep (CE+) while the guidance term pushes the
 cross-entropy under a negative DocRep (CE-) toward a target tau. Everything a run writes goes into a
 new numbered folder under --save_dir: config.json, checkpoint.safetensors, loss_curves.png,
-frames/, memory_selection.gif and metrics.json.
+frames/, memory_selection.gif, and from the final evaluation metrics.json, generations.json,
+logit_lens.json, landscape/ and report.md.
 
 A run stopped by Ctrl-C or SIGTERM saves a checkpoint and exits with status 130 or 143; a killed
 run keeps its last checkpoint. `--resume RUN_DIR` continues either from that checkpoint in the same
