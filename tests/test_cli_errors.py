@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import train_guidance
 from tiny_models import save_tiny_model
@@ -27,14 +26,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The tiny models gain nothing from threads, and on shared cores two spinning threads per run
-    # made an epoch take a second instead of milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run faster on one thread, see conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,8 @@ STEPS_PER_EPOCH = 3  # 3 documents x 3 segments, batch size 4
 
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # The tiny models gain nothing from threads, and on shared cores two spinning threads per run
-    # made an epoch take a second instead of milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny models run faster on one thread, see conftest.py
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
