@@ -113,7 +113,8 @@ def memory_section(memory: dict) -> list[str]:
               f"| pairwise distance / L2 | {format_number(memory['pairwise_distance_over_l2'])} |"]
     for name, value in memory["correlations"].items():
         lines.append(f"| Pearson r, {name.replace('_vs_', ' vs ').replace('_', ' ')} | {format_number(value)} |")
-    lines += ["", "n/a: undefined, for example a correlation over documents of equal length."]
+    if any("n/a" in line for line in lines):
+        lines += ["", "n/a: undefined, for example a correlation over documents of equal length."]
     return lines
 
 

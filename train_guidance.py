@@ -400,6 +400,7 @@ def run_training(trainer: Trainer, data: SegmentData) -> int:
 
     previous_handlers = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
     start = time.perf_counter()
+    first_epoch = trainer.epoch
     try:
         with tqdm(total=trainer.config.num_epochs, initial=trainer.epoch, desc="epochs") as progress:
             trainer.fit(progress)
@@ -412,7 +413,11 @@ def run_training(trainer: Trainer, data: SegmentData) -> int:
     if trainer.stop_requested:
         logger.warning("stopped at epoch %d; %s", trainer.epoch, resume_hint(trainer))
         return 128 + (received[0] if received else signal.SIGINT)
-    logger.info("trained %d epochs in %.1f s", trainer.epoch, time.perf_counter() - start)
+    if trainer.epoch > first_epoch:
+        logger.info("trained epochs %d..%d of %d in %.1f s", first_epoch + 1, trainer.epoch,
+                    trainer.config.num_epochs, time.perf_counter() - start)
+    else:
+        logger.info("all %d epochs were trained before; evaluating again", trainer.epoch)
     finish_run(trainer, data)
     logger.info("outputs in %s", trainer.run_dir)
     return 0

@@ -128,6 +128,7 @@ def ensure_smollm2_cache(cache_dir: str | None) -> str:
 
     try:
         os.rename(partial, folder)
+        logger.info("cached the dequantized SmolLM2 model and tokenizer in %s", folder)
     except OSError:
         # Another process may have finished the same conversion first.
         shutil.rmtree(partial, ignore_errors=True)
@@ -139,7 +140,7 @@ def ensure_smollm2_cache(cache_dir: str | None) -> str:
 
 def _convert_smollm2_gguf(gguf_folder: str, output_folder: str) -> None:
     logger.info(
-        "dequantizing %s into %s; this takes seconds to a minute and happens once per cache",
+        "dequantizing %s into the temporary folder %s; this takes seconds to a minute and happens once per cache",
         SMOLLM2_GGUF_FILE,
         output_folder,
     )
@@ -157,7 +158,6 @@ def _convert_smollm2_gguf(gguf_folder: str, output_folder: str) -> None:
 
     model.save_pretrained(output_folder)
     tokenizer.save_pretrained(output_folder)
-    logger.info("saved the dequantized SmolLM2 model and tokenizer to %s", output_folder)
 
 
 def get_blocks(model: PreTrainedModel) -> nn.ModuleList:
