@@ -1,6 +1,6 @@
 """Save and load training checkpoints as one safetensors file: no pickles, no code on load.
 
-A checkpoint holds the memory's weights and DocReps (`memory.*`), the AdamW state (`optimizer.*`),
+A checkpoint contains the memory's weights and DocReps (`memory.*`), the AdamW state (`optimizer.*`),
 RNG states (`rng.*`) and, in the safetensors metadata, JSON for the rest: epoch, loss history,
 scheduler state, optimizer hyper-parameters, memory settings and a SHA-256 over every tensor and
 every other metadata entry, so that a file truncated or edited by hand is rejected. It is written

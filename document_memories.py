@@ -5,7 +5,7 @@ memory adds
 
     act(W_lmm(W_down(act(W_up h) * key_act(g(K)))))
 
-to h. `act(W_up h)` is the token selection (which memory entries the current token asks for),
+to h. `act(W_up h)` is the token selection (which memory entries the current token requests),
 `key_act(g(K))` the document selection (which entries the document may use), and their product the
 memory that is read. `g` is linear or a small MLP ("nonlinear"). Each document has one DocRep:
 a random row of an orthogonal matrix that is fixed at creation, never trained, and saved with the

@@ -1,7 +1,7 @@
 """Attach a document memory to one block of a frozen causal LM, and run the LM with or without it.
 
-`MemoryHook` is a context manager around a forward hook on the block: inside the `with`, the block's
-output h becomes h + memory(h, DocReps); on exit the hook is removed, also when the forward raised.
+`MemoryHook` is a context manager around a forward hook on the block. Inside the `with`, the block's
+output h becomes h + memory(h, DocReps). On exit the hook is removed, also when the forward raised.
 `MemoryLM` bundles the frozen LM, the memory and the hooked block, and runs either the whole hooked
 model, or, because the LM is frozen, only the blocks above the memory on hidden states computed once
 (the activation cache).
@@ -27,7 +27,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Return position ids that start at 0 on each sequence's first real token.
 
     With left padding, the default positions (0..seq-1 for every row) would shift a padded
-    sequence's rotary positions; counting real tokens makes its logits match the unpadded ones.
+    sequence's rotary positions. Counting real tokens makes its logits match the unpadded ones.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 

@@ -46,7 +46,7 @@ case "$preset" in
     ;;
 esac
 
-# memory and guidance: the paper's values in every preset
+# memory and guidance: the values of Park & Choi (IJCAI 2024) in every preset
 : "${HOOK_MEMORY_DIM:=32}" "${KEY_DIM:=2}" "${KEY_ACTIVATION:=tanh}" "${LM_ACT:=gelu}"
 : "${NEGATIVE_KEY_TYPE:=other}" "${DOCUMENT_KEY_MODULE_TYPE:=linear}"
 : "${TARGET_NEGATIVE_CE:=4.5}" "${GUIDANCE:=0.1}" "${GUIDANCE_LOSS:=code}"

@@ -1,8 +1,8 @@
 """Train document-wise memories with guidance on a frozen causal LM.
 
-Each selected document gets a fixed random DocRep; a small memory on the output of one block learns
-to lower the document's cross-entropy under its own DocRep (CE+) while the guidance term pushes the
-cross-entropy under a negative DocRep (CE-) toward a target tau. Everything a run writes goes into a
+Each selected document gets a fixed random DocRep. A small memory on the output of one block learns
+to lower the document's cross-entropy under its own DocRep (CE+). At the same time, the guidance
+term pushes the cross-entropy under a negative DocRep (CE-) toward a target tau. Everything a run writes goes into a
 new numbered folder under --save_dir: config.json, checkpoint.safetensors, loss_curves.png,
 frames/, memory_selection.gif, and from the final evaluation metrics.json, generations.json,
 logit_lens.json, landscape/ and report.md.

@@ -3,8 +3,8 @@
 Guidance loss for one segment with cross-entropy CE+ under its own DocRep and CE- under a negative
 DocRep, weight alpha and target tau (nats):
 
-    code:  CE+ + alpha * min((CE- - tau)^2, CE+)   (the authors' public code)
-    paper: CE+ + alpha * |tau - CE-|                (the paper's equation)
+    code:  CE+ + alpha * min((CE- - tau)^2, CE+)   (the public code of Park & Choi)
+    paper: CE+ + alpha * |tau - CE-|                (Park & Choi, IJCAI 2024, arXiv 2406.15996)
 
 The loss is computed per segment and averaged over the batch, so a segment's loss does not depend
 on which segments share its batch.
