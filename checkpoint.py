@@ -1,9 +1,9 @@
 """Save and load training checkpoints as one safetensors file: no pickles, no code on load.
 
-A checkpoint contains the memory's weights and DocReps (`memory.*`), the AdamW state (`optimizer.*`),
-RNG states (`rng.*`) and, in the safetensors metadata, JSON for the rest: epoch, loss history,
-scheduler state, optimizer hyper-parameters, memory settings and a SHA-256 over every tensor and
-every other metadata entry, so that a file truncated or edited by hand is rejected. It is written
+A checkpoint contains the memory's weights and DocReps (`memory.*`), the AdamW state (`optimizer.*`)
+and RNG states (`rng.*`). Its safetensors metadata stores the rest as JSON: epoch, loss history,
+scheduler state, optimizer hyper-parameters and memory settings. A SHA-256 over every tensor and
+every other metadata entry makes a file truncated or edited by hand fail to load. It is written
 to a temporary file, flushed to disk and renamed over the old one, so a kill during a save leaves
 the previous checkpoint intact.
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train document-wise memories with guidance.
 #
-#   bash run.sh            the paper's setting: Pythia-1B, memory on block 15, 10 WikiText-103 pages
+#   bash run.sh            the setting of Park & Choi (IJCAI 2024): Pythia-1B, memory on block 15,
+#                          10 WikiText-103 pages
 #   bash run.sh quick      a few minutes on a 2-core CPU: SmolLM2-135M, last block, 4 documents
 #   bash run.sh sweep      one quick run per key activation (tanh relu sigmoid) x guidance (0 0.1 0.5),
 #                          then sweep.csv, sweep.md and sweep.png under SAVE_DIR (default outputs/sweep);

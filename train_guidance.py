@@ -47,7 +47,7 @@ from utils import guidance_loss, make_run_dir, negative_docreps, seed_everything
 logger = logging.getLogger("train_guidance")
 
 SCHEDULER_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-# Signals that stop training after the current epoch with a checkpoint; a second one ends at once.
+# Signals that stop training with a checkpoint after the current epoch. A second signal stops at once.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -76,7 +76,7 @@ def check_save_dir(save_dir: str) -> None:
 
 
 def prepare_documents(config: GuidanceConfig):
-    """Load, select and segment the documents; return (documents, segments)."""
+    """Load, select and segment the documents, and return (documents, segments)."""
     corpus = wikitext.load_documents(config.data_path, config.wikitext_config, config.data_cache_dir)
     documents = wikitext.select_documents(corpus, config.max_labels, config.seed)
     segments = wikitext.build_segments(documents, config.segment_length, config.max_segements)
@@ -296,7 +296,7 @@ def build_activation_cache(config: GuidanceConfig, memory_lm: MemoryLM, data: Se
     dtype = getattr(torch, config.activation_cache_dtype)
     needed = data.cache_bytes(memory_lm.memory.settings["hidden_size"], dtype)
     available = available_memory_bytes()
-    # keep half of the free memory for the model, activations and the optimiser
+    # keep half of the free memory for the model, activations and the optimiser (a rough margin, not tuned)
     if needed > available // 2:
         logger.warning("the activation cache needs %.2f GB but only %.2f GB of memory is available; "
                        "running the full model every step instead (as --no_activation_cache). "

@@ -86,8 +86,8 @@ def make_run_dir(save_dir: str | os.PathLike) -> Path:
     """Create and return a new numbered folder `run_NNN` under `save_dir`; never reuse one."""
     root = Path(save_dir)
     root.mkdir(parents=True, exist_ok=True)
-    taken = [int(path.name[4:]) for path in root.glob("run_*") if path.name[4:].isdigit()]
-    number = max(taken, default=-1) + 1
+    used_numbers = [int(path.name[4:]) for path in root.glob("run_*") if path.name[4:].isdigit()]
+    number = max(used_numbers, default=-1) + 1
     while True:
         run_dir = root / f"run_{number:03d}"
         try:

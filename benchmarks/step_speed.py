@@ -1,8 +1,8 @@
 """Time one guidance training step three ways on the same model, batch and memory.
 
 (a) public: two full hooked forwards (own DocRep, then negative DocRep) with the LM's parameters
-    trainable, so backward walks every block; the LM's gradients are then zeroed, as in the
-    authors' public code.
+    trainable, so backward walks every block. The LM's gradients are then zeroed, as in the public
+    code of Park & Choi.
 (b) frozen: the same two full forwards with the LM frozen.
 (c) cached: this project's step: the memory block's output is computed once, and each step runs
     only the blocks above it, for both DocReps in one batched forward.

@@ -1,7 +1,8 @@
 """Bad command-line input: exit status 2, one `error:` line naming the value, no traceback, no run folder.
 
-Most cases call `train_guidance.main` in this process; the ones in SUBPROCESS_CASES also run
-`python train_guidance.py` as a real process with the Hub switched off, to check the real command's output.
+Most cases call `train_guidance.main` in this process. The ones in SUBPROCESS_CASES also run
+`python train_guidance.py` as a real process with the Hub switched off, so the real command's
+output is checked too.
 
 Example:
     python -m pytest -q tests/test_cli_errors.py
